@@ -1,0 +1,12 @@
+pub mod testkit;
+pub mod bpf;
+pub mod broker;
+pub mod emulator;
+pub mod mds;
+pub mod upstream;
+pub mod config;
+pub mod policy;
+pub mod identity;
+pub mod demo;
+pub mod run;
+pub mod serve;
