@@ -121,12 +121,8 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
                     *last = Some(outcome);
                 }
             }
-            let method = req.method().clone();
-            let path = req.uri().path().to_owned();
             let ctx = CallContext { identity: identity.clone(), decision };
-            let response = agent.mds.handle(req, &ctx).await;
-            debug!(caller = %identity, %method, %path, status = response.status().as_u16(), "request");
-            Ok::<_, std::convert::Infallible>(response)
+            Ok::<_, std::convert::Infallible>(agent.mds.handle(req, &ctx).await)
         }
     });
     if let Err(e) = http1::Builder::new().serve_connection(io, service).await {

@@ -2,22 +2,17 @@
 //! sandbox cgroup, in a sandbox network namespace where a fake of the real metadata server listens
 //! on 169.254.169.254:80. Clients are real processes run as test users in test cgroups.
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
+    process::Stdio,
 };
 
-use mds_agent::testkit::{
-    fake_metadata::FakeMetadata,
-    harness::Harness,
-    sandbox::{require_privileged, RunAs, Sandbox},
-};
+use common::{parse_lines, Env, AGENT, VM_EMAIL};
 use serde_json::Value;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_mds-agent");
-const PROBE: &str = include_str!("clients/probe.py");
-const VM_EMAIL: &str = "vm-sa@fake-project.iam.gserviceaccount.com";
 const ALICE_SA: &str = "alice-sa@test-project.iam.gserviceaccount.com";
 const BOB_X_SA: &str = "bob-x@test-project.iam.gserviceaccount.com";
 const BOB_Y_SA: &str = "bob-y@test-project.iam.gserviceaccount.com";
@@ -28,40 +23,13 @@ const CAROL: u32 = 1002;
 const MALLORY: u32 = 1003;
 const EXEMPT: u32 = 1004;
 
-struct Env {
-    harness: Harness,
-    upstream: FakeMetadata,
-    probe: PathBuf,
-    // Runs the fake server; dropped last.
-    _runtime: tokio::runtime::Runtime,
-}
-
 /// A sandbox with the fake metadata server and a running agent; `None` only when the developer
 /// opted out of privileged tests with MDS_SKIP_PRIVILEGED=1.
 fn env(name: &str) -> Option<Env> {
-    if !require_privileged() {
-        return None;
-    }
-    let sandbox = Sandbox::new(name).expect("creating the sandbox");
-    let listener = sandbox
-        .std_listener("169.254.169.254:80".parse().expect("address"))
-        .expect("binding the fake metadata server in the sandbox");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let upstream = {
-        let _entered = runtime.enter();
-        FakeMetadata::start(listener)
-    };
-    let probe = sandbox.dir().join("probe.py");
-    std::fs::write(&probe, PROBE).expect("writing the probe client");
-    let x = sandbox.cgroup_rel("bob-x");
-    let y = sandbox.cgroup_rel("bob-y");
-    let mut harness = Harness::new(sandbox);
-    harness
-        .write_config(&format!(
+    common::start(name, |sandbox| {
+        let x = sandbox.cgroup_rel("bob-x");
+        let y = sandbox.cgroup_rel("bob-y");
+        format!(
             r#"
 [exempt]
 uids = [{EXEMPT}]
@@ -85,51 +53,8 @@ name = "carol gets the VM"
 uid = {CAROL}
 action = "passthrough"
 "#
-        ))
-        .expect("writing the config");
-    harness.start_agent(Path::new(AGENT)).expect("starting the agent");
-    Some(Env { harness, upstream, probe, _runtime: runtime })
-}
-
-impl Env {
-    fn probe(&self, uid: u32, cgroup: &str, args: &[&str]) -> Vec<Value> {
-        let out = self
-            .probe_cmd(uid, cgroup, args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the probe");
-        parse_lines(&out.stdout, &out.stderr)
-    }
-
-    fn probe_cmd(&self, uid: u32, cgroup: &str, args: &[&str]) -> Command {
-        let mut cmd = self.harness.command("/usr/bin/python3", RunAs::user(uid, uid, cgroup));
-        cmd.arg(&self.probe).args(args);
-        cmd
-    }
-
-    fn email(&self, uid: u32, cgroup: &str) -> (u64, String) {
-        let r = self.probe(uid, cgroup, &["email"]);
-        (r[0]["status"].as_u64().unwrap_or(0), r[0]["body"].as_str().unwrap_or("").to_owned())
-    }
-
-    fn curl(&self, uid: u32, cgroup: &str, url: &str) -> std::process::Output {
-        self.harness
-            .command("curl", RunAs::user(uid, uid, cgroup))
-            .args(["-s", "-S", "-m", "10", "-H", "Metadata-Flavor: Google", url])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running curl")
-    }
-}
-
-fn parse_lines(stdout: &[u8], stderr: &[u8]) -> Vec<Value> {
-    let text = String::from_utf8_lossy(stdout);
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("probe printed {l:?}: {e}")))
-        .collect();
-    assert!(!lines.is_empty(), "the probe printed nothing; stderr: {}", String::from_utf8_lossy(stderr));
-    lines
+        )
+    })
 }
 
 #[test]
