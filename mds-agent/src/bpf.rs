@@ -36,7 +36,6 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
 const SOCK_OPS_PROGRAM: &str = "mds_sockops";
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +51,9 @@ pub enum BpfError {
          `mount -t cgroup2 none /sys/fs/cgroup/unified` and set `cgroup` in the config"
     )]
     NoCgroup2,
-    #[error("cannot open cgroup {path}: {source}; set `cgroup` to an existing cgroup v2 directory")]
+    #[error(
+        "cannot open cgroup {path}: {source}; set `cgroup` to an existing cgroup v2 directory"
+    )]
     Cgroup {
         path: PathBuf,
         #[source]
@@ -104,7 +105,9 @@ pub enum BpfError {
     },
     #[error("the agent listens on {0}, but interception needs an IPv4 listen address")]
     ListenNotV4(SocketAddr),
-    #[error("reading the network namespace cookie of the listening socket: {0} (needs Linux 5.14+)")]
+    #[error(
+        "reading the network namespace cookie of the listening socket: {0} (needs Linux 5.14+)"
+    )]
     NetnsCookie(#[source] io::Error),
 }
 
@@ -176,17 +179,23 @@ impl Interceptor {
         let mut config: Array<_, KernelConfig> = map(&mut ebpf, MAP_CONFIG)?;
         config
             .set(0, kernel_config, 0)
-            .map_err(|source| BpfError::Map { name: MAP_CONFIG, source })?;
+            .map_err(|source| BpfError::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
         let mut ports: HashMap<_, u16, u8> = map(&mut ebpf, MAP_OPEN_PORTS)?;
         for port in settings.open_ports {
-            ports
-                .insert(port, 1, 0)
-                .map_err(|source| BpfError::Map { name: MAP_OPEN_PORTS, source })?;
+            ports.insert(port, 1, 0).map_err(|source| BpfError::Map {
+                name: MAP_OPEN_PORTS,
+                source,
+            })?;
         }
         let mut uids: HashMap<_, u32, u8> = map(&mut ebpf, MAP_EXEMPT_UIDS)?;
         for uid in settings.exempt_uids {
-            uids.insert(uid, 1, 0)
-                .map_err(|source| BpfError::Map { name: MAP_EXEMPT_UIDS, source })?;
+            uids.insert(uid, 1, 0).map_err(|source| BpfError::Map {
+                name: MAP_EXEMPT_UIDS,
+                source,
+            })?;
         }
         let exempt_map = take_map(&mut ebpf, MAP_EXEMPT_CGROUPS)?;
         let mut exempt_cgroups = ExemptCgroups {
@@ -200,7 +209,10 @@ impl Interceptor {
         let mut links = Vec::new();
         for name in SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program.load().map_err(|source| BpfError::Load { program: name, source })?;
+            program.load().map_err(|source| BpfError::Load {
+                program: name,
+                source,
+            })?;
             let id = program
                 .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| attach_error(name, settings.cgroup, source))?;
@@ -210,16 +222,20 @@ impl Interceptor {
             links.push((name, FdLink::try_from(link).map_err(link_error(name))?));
         }
         let sockops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
-        sockops
-            .load()
-            .map_err(|source| BpfError::Load { program: SOCK_OPS_PROGRAM, source })?;
+        sockops.load().map_err(|source| BpfError::Load {
+            program: SOCK_OPS_PROGRAM,
+            source,
+        })?;
         let id = sockops
             .attach(cgroup.as_fd(), CgroupAttachMode::Single)
             .map_err(|source| attach_error(SOCK_OPS_PROGRAM, settings.cgroup, source))?;
         let link = sockops
             .take_link(id)
             .map_err(|source| attach_error(SOCK_OPS_PROGRAM, settings.cgroup, source))?;
-        links.push((SOCK_OPS_PROGRAM, FdLink::try_from(link).map_err(link_error(SOCK_OPS_PROGRAM))?));
+        links.push((
+            SOCK_OPS_PROGRAM,
+            FdLink::try_from(link).map_err(link_error(SOCK_OPS_PROGRAM))?,
+        ));
 
         std::fs::create_dir_all(settings.pin_dir).map_err(|source| BpfError::Pin {
             what: "the pin directory".into(),
@@ -253,7 +269,9 @@ impl Interceptor {
     /// The caller the kernel recorded for a connection accepted from `peer`, if any: a connection
     /// that was not rewritten by the programs has none.
     pub fn caller(&self, peer: SocketAddr) -> Option<Caller> {
-        let SocketAddr::V4(peer) = peer else { return None };
+        let SocketAddr::V4(peer) = peer else {
+            return None;
+        };
         let key = ClientKey {
             netns_cookie: self.agent_netns,
             addr: u32::from_ne_bytes(peer.ip().octets()),
@@ -273,8 +291,12 @@ impl Interceptor {
 
 impl ExemptCgroups {
     fn refresh(&mut self) {
-        let ids: HashSet<u64> =
-            self.paths.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.ino()).collect();
+        let ids: HashSet<u64> = self
+            .paths
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.ino())
+            .collect();
         for gone in self.ids.difference(&ids) {
             let _ = self.map.remove(gone);
         }
@@ -374,23 +396,33 @@ fn check_privileges() -> Result<(), BpfError> {
 }
 
 fn open_cgroup(path: &Path) -> Result<File, BpfError> {
-    let file = File::open(path).map_err(|source| BpfError::Cgroup { path: path.to_owned(), source })?;
+    let file = File::open(path).map_err(|source| BpfError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })?;
     let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| BpfError::Cgroup {
         path: path.to_owned(),
         source: e.into(),
     })?;
     if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
-        return Err(BpfError::NotCgroup2 { path: path.to_owned() });
+        return Err(BpfError::NotCgroup2 {
+            path: path.to_owned(),
+        });
     }
     Ok(file)
 }
 
 fn check_bpffs(pin_dir: &Path) -> Result<(), BpfError> {
     // The directory may not exist yet; its nearest existing ancestor must be on bpffs.
-    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     match nix::sys::statfs::statfs(existing) {
-        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
-        _ => Err(BpfError::NotBpffs { path: pin_dir.to_owned() }),
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
+        _ => Err(BpfError::NotBpffs {
+            path: pin_dir.to_owned(),
+        }),
     }
 }
 
@@ -445,11 +477,22 @@ where
         program: name,
         source: aya::programs::ProgramError::UnexpectedProgramType,
     })?;
-    program.try_into().map_err(|source| BpfError::Load { program: name, source })
+    program.try_into().map_err(|source| BpfError::Load {
+        program: name,
+        source,
+    })
 }
 
-fn attach_error(program: &'static str, cgroup: &Path, source: aya::programs::ProgramError) -> BpfError {
-    BpfError::Attach { program, cgroup: cgroup.to_owned(), source }
+fn attach_error(
+    program: &'static str,
+    cgroup: &Path,
+    source: aya::programs::ProgramError,
+) -> BpfError {
+    BpfError::Attach {
+        program,
+        cgroup: cgroup.to_owned(),
+        source,
+    }
 }
 
 fn link_error(program: &'static str) -> impl Fn(aya::programs::links::LinkError) -> BpfError {
@@ -483,14 +526,21 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/sys/fs/cgroup/with\040space"), "/sys/fs/cgroup/with space");
+        assert_eq!(
+            unescape_mountinfo(r"/sys/fs/cgroup/with\040space"),
+            "/sys/fs/cgroup/with space"
+        );
         assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
     }
 
     #[test]
     fn this_host_has_a_cgroup2_mount() {
         let mount = cgroup2_mount().expect("a cgroup2 mount in /proc/self/mountinfo");
-        assert!(mount.join("cgroup.procs").exists(), "{} is not a cgroup2 root", mount.display());
+        assert!(
+            mount.join("cgroup.procs").exists(),
+            "{} is not a cgroup2 root",
+            mount.display()
+        );
     }
 
     #[test]
@@ -499,6 +549,10 @@ mod tests {
         let a = netns_cookie(&socket).expect("cookie");
         let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         assert_ne!(a, 0);
-        assert_eq!(a, netns_cookie(&other).expect("cookie"), "same namespace, same cookie");
+        assert_eq!(
+            a,
+            netns_cookie(&other).expect("cookie"),
+            "same namespace, same cookie"
+        );
     }
 }

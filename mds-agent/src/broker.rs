@@ -912,11 +912,19 @@ fn excerpt(body: &[u8]) -> String {
 }
 
 impl crate::mds::TokenSource for Broker {
-    fn access_token<'a>(&'a self, email: &'a str, scopes: &'a [String]) -> crate::mds::TokenFuture<'a, AccessToken> {
+    fn access_token<'a>(
+        &'a self,
+        email: &'a str,
+        scopes: &'a [String],
+    ) -> crate::mds::TokenFuture<'a, AccessToken> {
         Box::pin(Broker::access_token(self, email, scopes))
     }
 
-    fn id_token<'a>(&'a self, email: &'a str, audience: &'a str) -> crate::mds::TokenFuture<'a, IdToken> {
+    fn id_token<'a>(
+        &'a self,
+        email: &'a str,
+        audience: &'a str,
+    ) -> crate::mds::TokenFuture<'a, IdToken> {
         Box::pin(Broker::id_token(self, email, audience))
     }
 }
@@ -1232,7 +1240,11 @@ mod tests {
             .await
             .expect("the cached token");
         assert_eq!(second.token, first.token);
-        assert_eq!(fake.count(ACCESS), calls_before + ATTEMPTS as usize, "the request tried IAM");
+        assert_eq!(
+            fake.count(ACCESS),
+            calls_before + ATTEMPTS as usize,
+            "the request tried IAM"
+        );
     }
 
     #[tokio::test]

@@ -11,7 +11,8 @@ use crate::testkit::{
     sandbox::{RunAs, Sandbox},
 };
 
-const EMAIL_URL: &str = "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/email";
+const EMAIL_URL: &str =
+    "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/email";
 const PROJECT_URL: &str = "http://169.254.169.254/computeMetadata/v1/project/project-id";
 
 pub fn run() -> anyhow::Result<()> {
@@ -33,10 +34,15 @@ service_account = "alice@demo-project.iam.gserviceaccount.com"
 "#
     ))?;
     let exe = std::env::current_exe().context("locating the mds-agent binary")?;
-    harness.start_agent(&exe).context("starting the agent in the sandbox")?;
+    harness
+        .start_agent(&exe)
+        .context("starting the agent in the sandbox")?;
 
     println!("\nmds-agent is running in a sandbox: network namespace with 169.254.169.254 on lo,");
-    println!("programs attached to {}", harness.sandbox.cgroup_dir().display());
+    println!(
+        "programs attached to {}",
+        harness.sandbox.cgroup_dir().display()
+    );
     println!("config: {}\n", harness.config_path.display());
     for (user, uid, cgroup, url) in [
         ("alice", 1000, "web", EMAIL_URL),
@@ -46,7 +52,14 @@ service_account = "alice@demo-project.iam.gserviceaccount.com"
     ] {
         let out = harness
             .command("curl", RunAs::user(uid, uid, cgroup))
-            .args(["-s", "-w", "  [HTTP %{http_code}]", "-H", "Metadata-Flavor: Google", url])
+            .args([
+                "-s",
+                "-w",
+                "  [HTTP %{http_code}]",
+                "-H",
+                "Metadata-Flavor: Google",
+                url,
+            ])
             .stdin(Stdio::null())
             .output()
             .context("running curl in the sandbox (is curl installed?)")?;
@@ -61,19 +74,26 @@ service_account = "alice@demo-project.iam.gserviceaccount.com"
             web.display()
         );
     }
-    println!("\nServing until Ctrl-C; the agent's log: {}", harness.sandbox.dir().join("agent.log").display());
+    println!(
+        "\nServing until Ctrl-C; the agent's log: {}",
+        harness.sandbox.dir().join("agent.log").display()
+    );
     wait_for_stop()?;
     println!("\nstopping; removing the sandbox");
     Ok(())
 }
 
 fn wait_for_stop() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r,
+                _ = term.recv() => Ok(()),
+            }
+        })?;
     Ok(())
 }

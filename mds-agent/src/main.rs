@@ -16,17 +16,32 @@ struct Cli {
 enum Command {
     /// Load the kernel programs, attach them and serve the metadata API.
     Run {
-        #[arg(long, short, env = "MDS_AGENT_CONFIG", default_value = "/etc/mds-agent/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "MDS_AGENT_CONFIG",
+            default_value = "/etc/mds-agent/config.toml"
+        )]
         config: PathBuf,
     },
     /// Validate a configuration and print the rules as understood.
     Check {
-        #[arg(long, short, env = "MDS_AGENT_CONFIG", default_value = "/etc/mds-agent/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "MDS_AGENT_CONFIG",
+            default_value = "/etc/mds-agent/config.toml"
+        )]
         config: PathBuf,
     },
     /// Remove the pinned kernel links, ending interception (the agent must be stopped first).
     Detach {
-        #[arg(long, short, env = "MDS_AGENT_CONFIG", default_value = "/etc/mds-agent/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "MDS_AGENT_CONFIG",
+            default_value = "/etc/mds-agent/config.toml"
+        )]
         config: PathBuf,
     },
     /// Run the agent with its built-in emulator in a sandbox of its own (network namespace and
@@ -37,7 +52,9 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("MDS_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("MDS_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -68,6 +85,9 @@ fn detach(path: &std::path::Path) -> anyhow::Result<()> {
     let config = mds_agent::config::Config::load(path)?;
     let removed = mds_agent::bpf::detach(&config.pin_dir)
         .with_context(|| format!("detaching the links pinned in {}", config.pin_dir.display()))?;
-    println!("removed {removed} pinned links from {}", config.pin_dir.display());
+    println!(
+        "removed {removed} pinned links from {}",
+        config.pin_dir.display()
+    );
     Ok(())
 }

@@ -386,17 +386,18 @@ impl Mds {
         if fetched.status != StatusCode::OK {
             return relay(fetched);
         }
-        let mut tree: Value =
-            match serde_json::from_slice(&fetched.body) {
-                Ok(v) => v,
-                Err(e) => return error_response(
+        let mut tree: Value = match serde_json::from_slice(&fetched.body) {
+            Ok(v) => v,
+            Err(e) => {
+                return error_response(
                     StatusCode::BAD_GATEWAY,
                     &format!(
                         "mds-agent: the metadata server's recursive answer for {} is not JSON: {e}",
                         call.path
                     ),
-                ),
-            };
+                )
+            }
+        };
         let view = self.view(grant);
         let instance = if call.rel.is_empty() {
             tree.get_mut("instance")

@@ -51,7 +51,8 @@ async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> an
     let upstream = Arc::new(Upstream::from_config(&config)?);
     let agent_token: Arc<dyn AgentToken> = match &config.upstream {
         UpstreamKind::Url(_) => Arc::new(UpstreamAgentToken::new(upstream.clone())),
-        UpstreamKind::Emulator => match GcpAuthAgentToken::new(config.credentials.as_deref()).await {
+        UpstreamKind::Emulator => match GcpAuthAgentToken::new(config.credentials.as_deref()).await
+        {
             Ok(token) => Arc::new(token),
             Err(e) if config.credentials.is_none() => {
                 warn!("no credentials to mint tokens with ({e}); mapped callers get 503 for tokens until `credentials` is set");
@@ -84,7 +85,10 @@ async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> an
     })?);
 
     let agent = Arc::new(Agent {
-        callers: Arc::new(KernelCallers { interceptor: interceptor.clone(), resolver: Arc::new(Resolver::new(mount)) }),
+        callers: Arc::new(KernelCallers {
+            interceptor: interceptor.clone(),
+            resolver: Arc::new(Resolver::new(mount)),
+        }),
         policy: RwLock::new(Arc::new(policy)),
         mds,
     });
@@ -127,7 +131,9 @@ async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> an
 /// Tells systemd (`Type=notify`), or a test harness, that interception is in place and the agent
 /// answers.
 fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let bytes = path.as_encoded_bytes();
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
@@ -160,7 +166,10 @@ fn reload(path: &Path, running: &Config, agent: &Agent) {
 
 /// Whether two configurations differ in anything but their rules.
 fn same_settings(a: &Config, b: &Config) -> bool {
-    let strip = |c: &Config| Config { rules: Vec::new(), ..c.clone() };
+    let strip = |c: &Config| Config {
+        rules: Vec::new(),
+        ..c.clone()
+    };
     strip(a) == strip(b)
 }
 
@@ -176,7 +185,9 @@ fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
         ),
         Err(e) => return Err(e).with_context(|| format!("binding {addr}; set `listen` to a local address")),
     }
-    socket.listen(1024).with_context(|| format!("listening on {addr}"))
+    socket
+        .listen(1024)
+        .with_context(|| format!("listening on {addr}"))
 }
 
 fn exempt_uids(config: &Config) -> anyhow::Result<Vec<u32>> {

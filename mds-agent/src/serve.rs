@@ -35,7 +35,10 @@ pub struct KernelCallers {
 impl CallerSource for KernelCallers {
     fn identify(&self, peer: SocketAddr) -> Option<Identity> {
         let c = self.interceptor.caller(peer)?;
-        Some(self.resolver.resolve(c.uid, c.gid, c.pid, &c.comm, c.cgroup_id, c.netns_cookie))
+        Some(
+            self.resolver
+                .resolve(c.uid, c.gid, c.pid, &c.comm, c.cgroup_id, c.netns_cookie),
+        )
     }
 }
 
@@ -65,7 +68,12 @@ impl Agent {
 }
 
 /// Accepts until `shutdown` turns true, then gives open connections `grace` to finish.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -86,13 +94,19 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, mut shutdown: watch
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<Agent>) {
     let io = TokioIo::new(stream);
     let callers = agent.callers.clone();
-    let identity = tokio::task::spawn_blocking(move || callers.identify(peer)).await.ok().flatten();
+    let identity = tokio::task::spawn_blocking(move || callers.identify(peer))
+        .await
+        .ok()
+        .flatten();
     let Some(identity) = identity else {
         warn!(%peer, "refused a connection with no kernel record: it did not come through the interceptor");
         let refuse = service_fn(|_req: Request<Incoming>| async {
@@ -102,7 +116,10 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
                  connect to http://169.254.169.254/ instead",
             ))
         });
-        let _ = http1::Builder::new().keep_alive(false).serve_connection(io, refuse).await;
+        let _ = http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(io, refuse)
+            .await;
         return;
     };
     let identity = Arc::new(identity);
@@ -116,12 +133,19 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
             let outcome = describe(&decision.outcome);
             if let Ok(mut last) = last_outcome.lock() {
                 if last.as_deref() != Some(outcome.as_str()) {
-                    let rule = decision.rule.as_ref().map(|r| r.label()).unwrap_or_else(|| "no rule".into());
+                    let rule = decision
+                        .rule
+                        .as_ref()
+                        .map(|r| r.label())
+                        .unwrap_or_else(|| "no rule".into());
                     info!(caller = %identity, %rule, decision = %outcome, "decision");
                     *last = Some(outcome);
                 }
             }
-            let ctx = CallContext { identity: identity.clone(), decision };
+            let ctx = CallContext {
+                identity: identity.clone(),
+                decision,
+            };
             Ok::<_, std::convert::Infallible>(agent.mds.handle(req, &ctx).await)
         }
     });

@@ -61,36 +61,73 @@ action = "passthrough"
 fn each_caller_gets_its_own_identity() {
     let Some(env) = env("identity") else { return };
     assert_eq!(env.email(ALICE, "alice"), (200, ALICE_SA.to_owned()));
-    assert_eq!(env.email(BOB, "bob-x"), (200, BOB_X_SA.to_owned()), "same uid, cgroup x");
-    assert_eq!(env.email(BOB, "bob-y"), (200, BOB_Y_SA.to_owned()), "same uid, cgroup y");
-    assert_eq!(env.email(CAROL, "carol"), (200, VM_EMAIL.to_owned()), "passthrough gets the upstream's answer");
+    assert_eq!(
+        env.email(BOB, "bob-x"),
+        (200, BOB_X_SA.to_owned()),
+        "same uid, cgroup x"
+    );
+    assert_eq!(
+        env.email(BOB, "bob-y"),
+        (200, BOB_Y_SA.to_owned()),
+        "same uid, cgroup y"
+    );
+    assert_eq!(
+        env.email(CAROL, "carol"),
+        (200, VM_EMAIL.to_owned()),
+        "passthrough gets the upstream's answer"
+    );
     let (status, body) = env.email(MALLORY, "mallory");
     assert_eq!(status, 403, "an unmapped caller is denied: {body}");
-    assert!(body.contains(&format!("uid={MALLORY}")), "the 403 names the identity seen: {body}");
+    assert!(
+        body.contains(&format!("uid={MALLORY}")),
+        "the 403 names the identity seen: {body}"
+    );
     assert!(!body.contains(VM_EMAIL), "{body}");
     // Bob outside both of his cgroups matches no rule.
     assert_eq!(env.email(BOB, "elsewhere").0, 403);
     let log = env.harness.agent_log();
-    assert!(log.contains("decision"), "decisions are logged at info: {log}");
+    assert!(
+        log.contains("decision"),
+        "decisions are logged at info: {log}"
+    );
 }
 
 #[test]
 fn other_paths_pass_through_byte_for_byte() {
-    let Some(env) = env("passthrough") else { return };
+    let Some(env) = env("passthrough") else {
+        return;
+    };
     let blob: Vec<u8> = (0..=255u8).collect();
-    let out = env.curl(ALICE, "alice", "http://169.254.169.254/computeMetadata/v1/instance/attributes/blob");
-    assert_eq!(out.stdout, blob, "curl stderr: {}", String::from_utf8_lossy(&out.stderr));
-    let out = env.curl(ALICE, "alice", "http://metadata.google.internal/computeMetadata/v1/project/project-id");
+    let out = env.curl(
+        ALICE,
+        "alice",
+        "http://169.254.169.254/computeMetadata/v1/instance/attributes/blob",
+    );
+    assert_eq!(
+        out.stdout,
+        blob,
+        "curl stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.curl(
+        ALICE,
+        "alice",
+        "http://metadata.google.internal/computeMetadata/v1/project/project-id",
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "fake-project");
     // The agent (itself in the intercepted cgroup) reached the real upstream instead of looping
     // back into itself: the fake saw the requests, and no decision was ever made for the agent.
     let seen = env.upstream.requests();
     assert!(
-        seen.iter().any(|r| r.path_and_query.ends_with("instance/attributes/blob")),
+        seen.iter()
+            .any(|r| r.path_and_query.ends_with("instance/attributes/blob")),
         "the upstream never saw the forwarded request: {seen:?}"
     );
     let log = env.harness.agent_log();
-    assert!(!log.contains("uid=0"), "the agent's own connection was intercepted: {log}");
+    assert!(
+        !log.contains("uid=0"),
+        "the agent's own connection was intercepted: {log}"
+    );
 }
 
 #[test]
@@ -98,25 +135,50 @@ fn every_way_into_the_metadata_address_is_covered() {
     let Some(env) = env("bypass") else { return };
     let r = env.probe(ALICE, "alice", &["v6mapped"]);
     assert_eq!(r[0]["status"], 200, "{r:?}");
-    assert_eq!(r[0]["body"], ALICE_SA, "AF_INET6 to ::ffff:169.254.169.254 is intercepted");
+    assert_eq!(
+        r[0]["body"], ALICE_SA,
+        "AF_INET6 to ::ffff:169.254.169.254 is intercepted"
+    );
 
     let r = env.probe(ALICE, "alice", &["fastopen"]);
     assert_eq!(r[0]["ok"], true, "{r:?}");
-    assert_eq!(r[0]["body"], ALICE_SA, "TCP fast open is intercepted: {r:?}");
+    assert_eq!(
+        r[0]["body"], ALICE_SA,
+        "TCP fast open is intercepted: {r:?}"
+    );
 
     let r = env.probe(ALICE, "alice", &["connect", "4", "169.254.169.254", "8080"]);
-    assert_eq!(r[0]["errno"], libc::EPERM, "port 8080 is refused at connect(): {r:?}");
-    let r = env.probe(ALICE, "alice", &["connect", "6", "::ffff:169.254.169.254", "8080"]);
-    assert_eq!(r[0]["errno"], libc::EPERM, "port 8080 over v4-mapped IPv6 too: {r:?}");
+    assert_eq!(
+        r[0]["errno"],
+        libc::EPERM,
+        "port 8080 is refused at connect(): {r:?}"
+    );
+    let r = env.probe(
+        ALICE,
+        "alice",
+        &["connect", "6", "::ffff:169.254.169.254", "8080"],
+    );
+    assert_eq!(
+        r[0]["errno"],
+        libc::EPERM,
+        "port 8080 over v4-mapped IPv6 too: {r:?}"
+    );
     let r = env.probe(ALICE, "alice", &["connect", "4", "169.254.169.254", "53"]);
-    assert_eq!(r[0]["errno"], libc::ECONNREFUSED, "port 53 is let through (nothing listens): {r:?}");
+    assert_eq!(
+        r[0]["errno"],
+        libc::ECONNREFUSED,
+        "port 53 is let through (nothing listens): {r:?}"
+    );
 
     // MPTCP connects through a TCP subflow that the hooks see in the caller's context: it is
     // intercepted like TCP (or, on kernels that show the MPTCP protocol, refused). Never the VM.
     let r = env.probe(ALICE, "alice", &["mptcp"]);
     if r[0]["supported"] == true {
         let served_as_alice = r[0]["status"] == 200 && r[0]["body"] == ALICE_SA;
-        assert!(served_as_alice || r[0]["errno"] == libc::EPERM, "MPTCP got past the agent: {r:?}");
+        assert!(
+            served_as_alice || r[0]["errno"] == libc::EPERM,
+            "MPTCP got past the agent: {r:?}"
+        );
     }
 }
 
@@ -126,7 +188,10 @@ fn getpeername_reports_the_dialled_address() {
     let r = env.probe(ALICE, "alice", &["getpeername", "4"]);
     assert_eq!(r[0]["peer"], serde_json::json!(["169.254.169.254", 80]));
     let r = env.probe(ALICE, "alice", &["getpeername", "6"]);
-    assert_eq!(r[0]["peer"], serde_json::json!(["::ffff:169.254.169.254", 80]));
+    assert_eq!(
+        r[0]["peer"],
+        serde_json::json!(["::ffff:169.254.169.254", 80])
+    );
 }
 
 #[test]
@@ -135,7 +200,10 @@ fn connections_without_a_kernel_record_are_refused() {
     // A mapped user dialling the agent's port directly is not served as anyone.
     let r = env.probe(ALICE, "alice", &["direct", "127.0.0.1", "12972"]);
     assert_eq!(r[0]["status"], 403, "{r:?}");
-    assert!(!r[0]["body"].as_str().unwrap_or("").contains(ALICE_SA), "{r:?}");
+    assert!(
+        !r[0]["body"].as_str().unwrap_or("").contains(ALICE_SA),
+        "{r:?}"
+    );
 
     // Port reuse: alice is served from source port 41000, then bob dials the agent directly from
     // the same port. The record of alice's connection must not serve bob.
@@ -147,14 +215,22 @@ fn connections_without_a_kernel_record_are_refused() {
         .expect("alice's client");
     writeln!(alice.stdin.as_mut().expect("stdin"), "go").expect("write");
     let mut line = String::new();
-    BufReader::new(alice.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read");
+    BufReader::new(alice.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
     drop(alice.stdin.take());
     let _ = alice.wait();
     let first: Value = serde_json::from_str(&line).expect("json");
     assert_eq!(first["body"], ALICE_SA, "{first}");
     let r = env.probe(BOB, "bob-x", &["direct", "127.0.0.1", "12972", "41000"]);
-    assert_eq!(r[0]["status"], 403, "bob got served on alice's old port: {r:?}");
-    assert!(!r[0]["body"].as_str().unwrap_or("").contains(ALICE_SA), "{r:?}");
+    assert_eq!(
+        r[0]["status"], 403,
+        "bob got served on alice's old port: {r:?}"
+    );
+    assert!(
+        !r[0]["body"].as_str().unwrap_or("").contains(ALICE_SA),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -170,7 +246,10 @@ fn no_misattribution_under_port_reuse_and_concurrency() {
             .spawn()
             .expect("client")
     };
-    let mut clients = [(spawn(ALICE, "alice"), ALICE_SA), (spawn(BOB, "bob-x"), BOB_X_SA)];
+    let mut clients = [
+        (spawn(ALICE, "alice"), ALICE_SA),
+        (spawn(BOB, "bob-x"), BOB_X_SA),
+    ];
     let mut readers: Vec<_> = clients
         .iter_mut()
         .map(|(c, _)| BufReader::new(c.stdout.take().expect("stdout")))
@@ -187,27 +266,56 @@ fn no_misattribution_under_port_reuse_and_concurrency() {
         if v["status"] != 200 || v["body"] != *expected {
             wrong.push(v.clone());
         }
-        reused.entry(v["port"].as_u64().unwrap_or(0)).or_default().insert(expected.to_string());
+        reused
+            .entry(v["port"].as_u64().unwrap_or(0))
+            .or_default()
+            .insert(expected.to_string());
     }
     for (client, _) in &mut clients {
         drop(client.stdin.take());
         let _ = client.wait();
     }
-    assert!(wrong.is_empty(), "{} of 2000 sequential requests were misattributed or failed: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
-    assert!(reused.values().all(|who| who.len() == 2), "every port served both uids: {reused:?}");
+    assert!(
+        wrong.is_empty(),
+        "{} of 2000 sequential requests were misattributed or failed: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert!(
+        reused.values().all(|who| who.len() == 2),
+        "every port served both uids: {reused:?}"
+    );
 
     // 200 concurrent connections from four identities.
-    let who = [(ALICE, "alice", ALICE_SA), (BOB, "bob-x", BOB_X_SA), (BOB, "bob-y", BOB_Y_SA), (CAROL, "carol", VM_EMAIL)];
+    let who = [
+        (ALICE, "alice", ALICE_SA),
+        (BOB, "bob-x", BOB_X_SA),
+        (BOB, "bob-y", BOB_Y_SA),
+        (CAROL, "carol", VM_EMAIL),
+    ];
     let children: Vec<_> = who
         .iter()
-        .map(|(uid, cg, _)| env.probe_cmd(*uid, cg, &["concurrent", "50"]).stdout(Stdio::piped()).spawn().expect("client"))
+        .map(|(uid, cg, _)| {
+            env.probe_cmd(*uid, cg, &["concurrent", "50"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("client")
+        })
         .collect();
     for (child, (_, cg, expected)) in children.into_iter().zip(who) {
         let out = child.wait_with_output().expect("client output");
         let results = parse_lines(&out.stdout, &out.stderr);
         assert_eq!(results.len(), 50);
-        let bad: Vec<_> = results.iter().filter(|r| r["status"] != 200 || r["body"] != expected).collect();
-        assert!(bad.is_empty(), "{cg}: {} of 50 concurrent requests misattributed or failed: {:?}", bad.len(), &bad[..bad.len().min(3)]);
+        let bad: Vec<_> = results
+            .iter()
+            .filter(|r| r["status"] != 200 || r["body"] != expected)
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{cg}: {} of 50 concurrent requests misattributed or failed: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(3)]
+        );
     }
 }
 
@@ -215,14 +323,27 @@ fn no_misattribution_under_port_reuse_and_concurrency() {
 fn exempt_callers_go_direct_and_others_fail_closed_while_the_agent_is_down() {
     let Some(mut env) = env("exempt") else { return };
     let (status, body) = env.email(EXEMPT, "exempt");
-    assert_eq!((status, body.as_str()), (200, VM_EMAIL), "the exempt uid reaches the real server");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, VM_EMAIL),
+        "the exempt uid reaches the real server"
+    );
     env.harness.stop_agent();
     let (status, body) = env.email(EXEMPT, "exempt");
-    assert_eq!((status, body.as_str()), (200, VM_EMAIL), "…even with the agent stopped");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, VM_EMAIL),
+        "…even with the agent stopped"
+    );
     let r = env.probe(ALICE, "alice", &["connect", "4", "169.254.169.254", "80"]);
-    assert_eq!(r[0]["ok"], false, "with the agent down, a mapped caller must not reach the real server: {r:?}");
+    assert_eq!(
+        r[0]["ok"], false,
+        "with the agent down, a mapped caller must not reach the real server: {r:?}"
+    );
     assert_eq!(r[0]["errno"], libc::ECONNREFUSED, "{r:?}");
     // A new agent replaces the pinned links and serves again.
-    env.harness.start_agent(Path::new(AGENT)).expect("restarting the agent");
+    env.harness
+        .start_agent(Path::new(AGENT))
+        .expect("restarting the agent");
     assert_eq!(env.email(ALICE, "alice"), (200, ALICE_SA.to_owned()));
 }

@@ -61,7 +61,9 @@ fn main() -> anyhow::Result<()> {
             build(release)
         }
         Task::Demo => {
-            require_root("the demo creates a network namespace and cgroups and loads BPF programs")?;
+            require_root(
+                "the demo creates a network namespace and cgroups and loads BPF programs",
+            )?;
             setup(false)?;
             build(false)?;
             run(Command::new(root.join("target/debug/mds-agent")).arg("demo"))
@@ -75,7 +77,9 @@ fn main() -> anyhow::Result<()> {
             }
             setup(true)?;
             let mut cargo = cargo();
-            cargo.args(["test", "--no-fail-fast"]).env("MDS_PYENV", pyenv());
+            cargo
+                .args(["test", "--no-fail-fast"])
+                .env("MDS_PYENV", pyenv());
             if !args.is_empty() {
                 cargo.arg("--").args(args);
             }
@@ -85,7 +89,15 @@ fn main() -> anyhow::Result<()> {
             require_root("the benchmarks drive the real interception path")?;
             setup(false)?;
             run(cargo()
-                .args(["run", "--release", "-p", "mds-agent", "--example", "bench", "--"])
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "mds-agent",
+                    "--example",
+                    "bench",
+                    "--",
+                ])
                 .args(args))
         }
     }
@@ -104,7 +116,10 @@ fn setup(python: bool) -> anyhow::Result<()> {
 fn rust_src() -> anyhow::Result<()> {
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
         .context("the nightly toolchain is missing: `rustup toolchain install nightly`")?;
-    if Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core").exists() {
+    if Path::new(sysroot.trim())
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
         return Ok(());
     }
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
@@ -113,10 +128,16 @@ fn rust_src() -> anyhow::Result<()> {
 /// bpf-linker, linked against the nightly's own libLLVM (the default LLVM feature needs a system
 /// LLVM these machines do not have).
 fn bpf_linker() -> anyhow::Result<()> {
-    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
     let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = version
         .lines()
@@ -128,17 +149,31 @@ fn bpf_linker() -> anyhow::Result<()> {
         .context("reading the nightly sysroot")?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(OsStr::to_str).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(OsStr::to_str)
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}/lib", sysroot.display()))?;
     // The installed bpf-linker loads this library at run time, so the prefix must last.
     let prefix = home().join(".local/share/mds-agent/llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&lib, &link).with_context(|| format!("linking {}", link.display()))?;
-    eprintln!("xtask: installing bpf-linker against LLVM {major} ({})", lib.display());
+    std::os::unix::fs::symlink(&lib, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    eprintln!(
+        "xtask: installing bpf-linker against LLVM {major} ({})",
+        lib.display()
+    );
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix))
 }
@@ -153,11 +188,18 @@ fn python_env() -> anyhow::Result<()> {
     if ready {
         return Ok(());
     }
-    eprintln!("xtask: creating the client-test virtualenv at {}", venv.display());
+    eprintln!(
+        "xtask: creating the client-test virtualenv at {}",
+        venv.display()
+    );
     // Debian's python3 is readable by every uid, unlike a pyenv under /root.
-    run(Command::new("/usr/bin/python3").args(["-m", "venv", "--clear"]).arg(&venv))
-        .context("creating the virtualenv (Debian: apt-get install python3-venv)")?;
-    run(Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(PYTHON_PACKAGES))
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))
+    .context("creating the virtualenv (Debian: apt-get install python3-venv)")?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(PYTHON_PACKAGES))
 }
 
 fn build(release: bool) -> anyhow::Result<()> {
@@ -190,7 +232,10 @@ fn cargo() -> Command {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -204,7 +249,10 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }

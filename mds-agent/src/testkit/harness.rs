@@ -26,7 +26,12 @@ impl Harness {
     pub fn new(sandbox: Sandbox) -> Harness {
         let config_path = sandbox.dir().join("config.toml");
         let log_path = sandbox.dir().join("agent.log");
-        Harness { sandbox, config_path, log_path, agent: None }
+        Harness {
+            sandbox,
+            config_path,
+            log_path,
+            agent: None,
+        }
     }
 
     /// The settings every sandboxed agent needs (attach to the sandbox cgroup, pin in its bpffs),
@@ -51,12 +56,18 @@ impl Harness {
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)?;
         notify.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let mut cmd = self.sandbox.command(agent_bin, RunAs::root(AGENT_CGROUP));
         cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("MDS_AGENT_LOG", std::env::var("MDS_AGENT_LOG").unwrap_or_else(|_| "info,mds_agent=debug".into()))
+            .env(
+                "MDS_AGENT_LOG",
+                std::env::var("MDS_AGENT_LOG").unwrap_or_else(|_| "info,mds_agent=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -77,7 +88,10 @@ impl Harness {
             }
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(io::Error::other(format!("the agent exited: {status}; its log:\n{}", self.agent_log())));
+            return Err(io::Error::other(format!(
+                "the agent exited: {status}; its log:\n{}",
+                self.agent_log()
+            )));
         }
         self.agent = Some(child);
         Ok(())
@@ -94,7 +108,10 @@ impl Harness {
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
             if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
             for _ in 0..100 {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -110,7 +127,10 @@ impl Harness {
     /// Sends SIGHUP (reload) to the running agent.
     pub fn reload_agent(&self) {
         if let Some(pid) = self.agent.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            );
         }
     }
 
@@ -133,7 +153,10 @@ impl Drop for Harness {
         self.stop_agent();
         // A failing test's most useful evidence; the sandbox (and the log) is removed next.
         if std::thread::panicking() {
-            eprintln!("---- agent log ----\n{}---- end of agent log ----", self.agent_log());
+            eprintln!(
+                "---- agent log ----\n{}---- end of agent log ----",
+                self.agent_log()
+            );
         }
     }
 }

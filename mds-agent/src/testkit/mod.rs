@@ -1,4 +1,4 @@
-pub mod sandbox;
-pub mod fake_metadata;
 pub mod fake_iam;
+pub mod fake_metadata;
 pub mod harness;
+pub mod sandbox;

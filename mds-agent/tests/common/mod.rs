@@ -56,8 +56,16 @@ pub fn start(name: &str, config: impl FnOnce(&Sandbox) -> String) -> Option<Env>
     let rest = format!("iam_endpoint = \"{}\"\n{}", iam.url(), config(&sandbox));
     let mut harness = Harness::new(sandbox);
     harness.write_config(&rest).expect("writing the config");
-    harness.start_agent(Path::new(AGENT)).expect("starting the agent");
-    Some(Env { harness, upstream, iam, probe, runtime })
+    harness
+        .start_agent(Path::new(AGENT))
+        .expect("starting the agent");
+    Some(Env {
+        harness,
+        upstream,
+        iam,
+        probe,
+        runtime,
+    })
 }
 
 impl Env {
@@ -76,14 +84,19 @@ impl Env {
     }
 
     pub fn probe_cmd(&self, uid: u32, cgroup: &str, args: &[&str]) -> Command {
-        let mut cmd = self.harness.command("/usr/bin/python3", RunAs::user(uid, uid, cgroup));
+        let mut cmd = self
+            .harness
+            .command("/usr/bin/python3", RunAs::user(uid, uid, cgroup));
         cmd.arg(&self.probe).args(args);
         cmd
     }
 
     pub fn email(&self, uid: u32, cgroup: &str) -> (u64, String) {
         let r = self.probe(uid, cgroup, &["email"]);
-        (r[0]["status"].as_u64().unwrap_or(0), r[0]["body"].as_str().unwrap_or("").to_owned())
+        (
+            r[0]["status"].as_u64().unwrap_or(0),
+            r[0]["body"].as_str().unwrap_or("").to_owned(),
+        )
     }
 
     pub fn curl(&self, uid: u32, cgroup: &str, url: &str) -> std::process::Output {
@@ -102,6 +115,10 @@ pub fn parse_lines(stdout: &[u8], stderr: &[u8]) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("probe printed {l:?}: {e}")))
         .collect();
-    assert!(!lines.is_empty(), "the probe printed nothing; stderr: {}", String::from_utf8_lossy(stderr));
+    assert!(
+        !lines.is_empty(),
+        "the probe printed nothing; stderr: {}",
+        String::from_utf8_lossy(stderr)
+    );
     lines
 }
