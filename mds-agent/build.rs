@@ -2,7 +2,6 @@
 //! so `cargo build` always embeds programs that match this source tree.
 use anyhow::{anyhow, Context as _};
 
-
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
