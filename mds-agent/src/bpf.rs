@@ -33,7 +33,8 @@ use tracing::{debug, info, warn};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mds-ebpf"));
 
 /// Program names in the object, in attach order.
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
+const SOCK_ADDR_PROGRAMS: [&str; 6] =
+    ["bind4", "bind6", "connect4", "connect6", "getpeername4", "getpeername6"];
 const SOCK_OPS_PROGRAM: &str = "mds_sockops";
 
 const SO_NETNS_COOKIE: libc::c_int = 71;

@@ -45,7 +45,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
 async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> anyhow::Result<()> {
     let mount = bpf::cgroup2_mount().ok_or(bpf::BpfError::NoCgroup2)?;
     let cgroup = config.cgroup.clone().unwrap_or_else(|| mount.clone());
-    let listener = bind(SocketAddr::V4(config.listen))?;
+    let listener = bind(SocketAddr::V4(config.listen), config.upstream_mark)?;
     let agent_netns = bpf::netns_cookie(&listener)?;
 
     let upstream = Arc::new(Upstream::from_config(&config)?);
@@ -173,9 +173,13 @@ fn same_settings(a: &Config, b: &Config) -> bool {
     strip(a) == strip(b)
 }
 
-fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+/// Binds the listening socket, marked first: the kernel programs reserve the agent's address for
+/// sockets with the agent's mark (see mds-ebpf's bind4/6).
+fn bind(addr: SocketAddr, mark: u32) -> anyhow::Result<tokio::net::TcpListener> {
     let socket = tokio::net::TcpSocket::new_v4().context("creating the listening socket")?;
     socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+        .context("setting SO_MARK on the listening socket (needs CAP_NET_ADMIN)")?;
     match socket.bind(addr) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(

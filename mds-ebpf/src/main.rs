@@ -9,6 +9,7 @@
 //!   peer. A connect to the agent that was not rewritten clears that key, so a reused port never
 //!   carries an old record; `STATE_CB` clears it when the connection closes.
 //! - `cgroup/getpeername4/6`: an intercepted socket reports the address it dialled.
+//! - `cgroup/bind4/6`: only the agent (its socket marked) may bind the agent's address.
 //!
 //! Requires Linux 5.15 (`bpf_get_netns_cookie` in sock_ops).
 #![no_std]
@@ -136,6 +137,34 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Only the agent may listen on its address: otherwise, while it is down, anyone could bind it and
+/// answer intercepted callers as the metadata server. The agent marks its socket before `bind()`.
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    // SAFETY: as in connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    if port_of(sa.user_port) != cfg.agent_port || (sa.user_ip4 != cfg.agent_addr && sa.user_ip4 != 0) {
+        return ALLOW;
+    }
+    agent_only(&ctx, cfg, sa)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else { return ALLOW };
+    // SAFETY: as in connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ip6 = sa.user_ip6;
+    // `::` accepts IPv4 connections too, and `::ffff:a.b.c.d` is the agent's address.
+    let any = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == 0;
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED && ip6[3] == cfg.agent_addr;
+    if port_of(sa.user_port) != cfg.agent_port || !(any || mapped) {
+        return ALLOW;
+    }
+    agent_only(&ctx, cfg, sa)
+}
+
 #[sock_ops]
 pub fn mds_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -196,6 +225,22 @@ fn decide(
     }
     debug!(ctx, "refused connect to metadata port {}", port);
     Verdict::Deny
+}
+
+/// Allows the bind only for the agent's own (marked) socket, in the agent's network namespace.
+#[inline(always)]
+fn agent_only(ctx: &SockAddrContext, cfg: &Config, sa: &aya_ebpf::bindings::bpf_sock_addr) -> i32 {
+    // SAFETY: helper that takes the program's own context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.agent_netns {
+        return ALLOW;
+    }
+    // SAFETY: `sk` is always a valid full socket in cgroup sock_addr programs.
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    if cfg.upstream_mark != 0 && mark == cfg.upstream_mark {
+        return ALLOW;
+    }
+    debug!(ctx, "refused bind to the agent's port {}", cfg.agent_port);
+    DENY
 }
 
 #[inline(always)]

@@ -88,16 +88,11 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { args } => {
             require_root("the benchmarks drive the real interception path")?;
             setup(false)?;
+            build(true)?;
+            let agent = root.join("target/release/mds-agent");
             run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "mds-agent",
-                    "--example",
-                    "bench",
-                    "--",
-                ])
+                .args(["run", "--release", "-p", "mds-agent", "--example", "bench", "--", "--agent"])
+                .arg(&agent)
                 .args(args))
         }
     }

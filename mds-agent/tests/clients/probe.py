@@ -133,6 +133,18 @@ def mode_mptcp():
         result(ok=False, supported=True, errno=e.errno, error=str(e))
 
 
+def mode_bind(family, addr, port):
+    s = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((addr, int(port)))
+        s.listen()
+        result(ok=True)
+    except OSError as e:
+        result(ok=False, errno=e.errno, error=str(e))
+    finally:
+        s.close()
+
+
 def mode_pingpong(ports):
     """One request per line on stdin, from a source port cycling through `ports`."""
     ports = [int(p) for p in ports.split(",")]
@@ -172,6 +184,71 @@ def mode_concurrent(n):
         result(status=status, body=body)
 
 
+def http_request(spec):
+    """One HTTP request to the metadata address, as `spec` says: method, path, headers (default
+    just Metadata-Flavor: Google; given, exactly those), body, host, timeout. The response's
+    headers come back as [name, value] pairs, so duplicates show."""
+    import http.client
+    import time
+
+    host = spec.get("host", MDS)
+    headers = spec.get("headers", {"Metadata-Flavor": "Google"})
+    body = spec.get("body")
+    start = time.monotonic()
+    conn = http.client.HTTPConnection(MDS, 80, timeout=spec.get("timeout", 10))
+    try:
+        conn.putrequest(spec.get("method", "GET"), spec["path"], skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        if body is not None:
+            body = body.encode()
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        data = r.read()
+        return dict(
+            status=r.status,
+            headers=[[k.lower(), v] for k, v in r.getheaders()],
+            body=data.decode(errors="replace"),
+            elapsed=time.monotonic() - start,
+        )
+    except OSError as e:
+        return dict(status=0, headers=[], body="", errno=e.errno, error=repr(e), elapsed=time.monotonic() - start)
+    finally:
+        conn.close()
+
+
+def mode_http(*specs):
+    """One request per JSON spec argument (see http_request), one result line each."""
+    for spec in specs:
+        result(**http_request(json.loads(spec)))
+
+
+def mode_concurrent_get(n, path):
+    """`n` connections opened at once, then `n` GETs of `path` sent together."""
+    n = int(n)
+    out = [None] * n
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        try:
+            s = connect()
+            barrier.wait(timeout=30)
+            out[i] = request(s, path)
+            s.close()
+        except Exception as e:  # noqa: BLE001 - reported, not swallowed
+            out[i] = (0, repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for status, body in out:
+        result(status=status, body=body)
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     {
@@ -182,6 +259,9 @@ if __name__ == "__main__":
         "fastopen": mode_fastopen,
         "direct": mode_direct,
         "mptcp": mode_mptcp,
+        "bind": mode_bind,
         "pingpong": mode_pingpong,
         "concurrent": mode_concurrent,
+        "http": mode_http,
+        "concurrent_get": mode_concurrent_get,
     }[mode](*args)
