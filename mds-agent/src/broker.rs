@@ -1224,7 +1224,8 @@ mod tests {
     #[tokio::test]
     async fn iam_down_serves_a_still_valid_cached_token() {
         let fake = fake();
-        fake.set_lifetime(Duration::from_secs(4));
+        // expireTime has whole seconds, so the token may end up to 1 s sooner than 8 s.
+        fake.set_lifetime(Duration::from_secs(8));
         let broker = broker_for(&fake);
         let first = broker.access_token(SA, &[]).await.expect("first token");
         fake.set_failure(Some((
@@ -1233,7 +1234,7 @@ mod tests {
         )));
         // Inside the last quarter of its life: past the serving floor, so the request tries IAM
         // (as the background refresh did), and still valid, so it is what the caller gets.
-        tokio::time::sleep(Duration::from_millis(3200)).await;
+        tokio::time::sleep(Duration::from_millis(6500)).await;
         let calls_before = fake.count(ACCESS);
         let second = broker
             .access_token(SA, &[])
