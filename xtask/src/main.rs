@@ -69,13 +69,15 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root.join("target/debug/mds-agent")).arg("demo"))
         }
         Task::Test { args } => {
-            if env::var_os("MDS_SKIP_PRIVILEGED").is_none_or(|v| v != "1") {
+            let privileged = env::var_os("MDS_SKIP_PRIVILEGED").is_none_or(|v| v != "1");
+            if privileged {
                 require_root(
                     "the integration tests load BPF programs into test cgroups and network namespaces; \
                      run as root, or set MDS_SKIP_PRIVILEGED=1 to skip them explicitly",
                 )?;
             }
-            setup(true)?;
+            // The client-test virtualenv is only for the privileged tests (and lives under /opt).
+            setup(privileged)?;
             let mut cargo = cargo();
             cargo
                 .args(["test", "--no-fail-fast"])
@@ -91,7 +93,16 @@ fn main() -> anyhow::Result<()> {
             build(true)?;
             let agent = root.join("target/release/mds-agent");
             run(cargo()
-                .args(["run", "--release", "-p", "mds-agent", "--example", "bench", "--", "--agent"])
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "mds-agent",
+                    "--example",
+                    "bench",
+                    "--",
+                    "--agent",
+                ])
                 .arg(&agent)
                 .args(args))
         }
