@@ -36,7 +36,12 @@ fn main() {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--agent" => agent = it.next().map(PathBuf::from),
-            "--requests" => requests = it.next().and_then(|n| n.parse().ok()).expect("--requests N"),
+            "--requests" => {
+                requests = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--requests N")
+            }
             other => panic!("unknown argument {other}; usage: bench --agent PATH [--requests N]"),
         }
     }
@@ -48,8 +53,14 @@ fn run(agent: &std::path::Path, requests: usize) {
     // The agent logs at warn: per-request debug lines would dominate what is measured.
     std::env::set_var("MDS_AGENT_LOG", "warn");
     let sandbox = Sandbox::new("bench").expect("sandbox (run as root)");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
-    let listener = sandbox.std_listener(MDS.parse().expect("addr")).expect("fake metadata listener");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = sandbox
+        .std_listener(MDS.parse().expect("addr"))
+        .expect("fake metadata listener");
     let _upstream = {
         let _entered = runtime.enter();
         FakeMetadata::start(listener)
@@ -64,24 +75,64 @@ fn run(agent: &std::path::Path, requests: usize) {
     let me = std::env::current_exe().expect("own path");
 
     println!("mds-agent benchmark: {requests} sequential requests per row, in a sandbox network namespace");
-    println!("{:<58} {:>9} {:>9} {:>9} {:>10}", "scenario", "p50 µs", "p99 µs", "mean µs", "req/s");
+    println!(
+        "{:<58} {:>9} {:>9} {:>9} {:>10}",
+        "scenario", "p50 µs", "p99 µs", "mean µs", "req/s"
+    );
     let rows = [
-        ("bare hyper server (exempt uid, direct), new connection each", EXEMPT, "connect", PROJECT),
-        ("mds-agent, answered locally (email), new connection each", MAPPED, "connect", EMAIL),
-        ("mds-agent, forwarded upstream (project-id), new connection each", MAPPED, "connect", PROJECT),
-        ("bare hyper server (exempt uid, direct), keep-alive", EXEMPT, "keepalive", PROJECT),
-        ("mds-agent, answered locally (email), keep-alive", MAPPED, "keepalive", EMAIL),
-        ("mds-agent, forwarded upstream (project-id), keep-alive", MAPPED, "keepalive", PROJECT),
+        (
+            "fake metadata server (hyper, direct), new connection each",
+            EXEMPT,
+            "connect",
+            PROJECT,
+        ),
+        (
+            "mds-agent, answered locally (email), new connection each",
+            MAPPED,
+            "connect",
+            EMAIL,
+        ),
+        (
+            "mds-agent, forwarded upstream (project-id), new connection each",
+            MAPPED,
+            "connect",
+            PROJECT,
+        ),
+        (
+            "fake metadata server (hyper, direct), keep-alive",
+            EXEMPT,
+            "keepalive",
+            PROJECT,
+        ),
+        (
+            "mds-agent, answered locally (email), keep-alive",
+            MAPPED,
+            "keepalive",
+            EMAIL,
+        ),
+        (
+            "mds-agent, forwarded upstream (project-id), keep-alive",
+            MAPPED,
+            "keepalive",
+            PROJECT,
+        ),
     ];
     for (name, uid, mode, path) in rows {
         let out = harness
-            .command(&me, RunAs::user(uid, uid, if uid == EXEMPT { "exempt" } else { "mapped" }))
+            .command(
+                &me,
+                RunAs::user(uid, uid, if uid == EXEMPT { "exempt" } else { "mapped" }),
+            )
             .args(["client", mode, path, &requests.to_string()])
             .stdin(Stdio::null())
             .output()
             .expect("client");
         let line = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{name}: client failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         println!("{name:<58} {}", line.trim());
     }
 
@@ -103,7 +154,9 @@ fn run(agent: &std::path::Path, requests: usize) {
 /// Runs inside the sandbox as a test user: prints "p50 p99 mean req/s".
 fn client(mode: &str, path: &str, n: usize) {
     let addr: SocketAddr = MDS.parse().expect("addr");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: metadata.google.internal\r\nMetadata-Flavor: Google\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: metadata.google.internal\r\nMetadata-Flavor: Google\r\n\r\n"
+    );
     let mut samples = Vec::with_capacity(n);
     let started = Instant::now();
     let mut conn: Option<TcpStream> = None;
@@ -151,7 +204,11 @@ fn read_response(stream: &mut TcpStream) -> u16 {
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let len: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
@@ -169,8 +226,12 @@ fn read_response(stream: &mut TcpStream) -> u16 {
 fn proc_scan_cost(open: usize, rounds: usize) -> ((f64, f64), usize) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
     let addr = listener.local_addr().expect("addr");
-    let clients: Vec<TcpStream> = (0..open).map(|_| TcpStream::connect(addr).expect("connect")).collect();
-    let accepted: Vec<TcpStream> = (0..open).map(|_| listener.accept().expect("accept").0).collect();
+    let clients: Vec<TcpStream> = (0..open)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let accepted: Vec<TcpStream> = (0..open)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
     let target = clients[open / 2].local_addr().expect("local").port();
     let mut samples = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -179,7 +240,8 @@ fn proc_scan_cost(open: usize, rounds: usize) -> ((f64, f64), usize) {
         let uid = table.lines().skip(1).find_map(|row| {
             let cols: Vec<&str> = row.split_whitespace().collect();
             let port = cols.get(1)?.rsplit(':').next()?;
-            (u16::from_str_radix(port, 16).ok()? == target).then(|| cols.get(7).map(|u| u.to_string()))?
+            (u16::from_str_radix(port, 16).ok()? == target)
+                .then(|| cols.get(7).map(|u| u.to_string()))?
         });
         assert!(uid.is_some(), "the connection is in the table");
         samples.push(t.elapsed());
@@ -187,5 +249,8 @@ fn proc_scan_cost(open: usize, rounds: usize) -> ((f64, f64), usize) {
     samples.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let sockets = clients.len() + accepted.len() + 1;
-    ((us(samples[rounds / 2]), us(samples[rounds * 99 / 100])), sockets)
+    (
+        (us(samples[rounds / 2]), us(samples[rounds * 99 / 100])),
+        sockets,
+    )
 }

@@ -33,8 +33,14 @@ use tracing::{debug, info, warn};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mds-ebpf"));
 
 /// Program names in the object, in attach order.
-const SOCK_ADDR_PROGRAMS: [&str; 6] =
-    ["bind4", "bind6", "connect4", "connect6", "getpeername4", "getpeername6"];
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "bind4",
+    "bind6",
+    "connect4",
+    "connect6",
+    "getpeername4",
+    "getpeername6",
+];
 const SOCK_OPS_PROGRAM: &str = "mds_sockops";
 
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -375,7 +381,8 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> Result<u64, BpfError> {
     Ok(cookie)
 }
 
-fn check_privileges() -> Result<(), BpfError> {
+/// Root, or the capabilities loading and attaching cgroup programs needs.
+pub fn check_privileges() -> Result<(), BpfError> {
     if nix::unistd::geteuid().is_root() {
         return Ok(());
     }

@@ -43,6 +43,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> anyhow::Result<()> {
+    bpf::check_privileges()?;
     let mount = bpf::cgroup2_mount().ok_or(bpf::BpfError::NoCgroup2)?;
     let cgroup = config.cgroup.clone().unwrap_or_else(|| mount.clone());
     let listener = bind(SocketAddr::V4(config.listen), config.upstream_mark)?;

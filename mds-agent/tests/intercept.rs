@@ -342,9 +342,18 @@ fn while_the_agent_is_down_exempt_callers_go_direct_and_others_fail_closed() {
     );
     assert_eq!(r[0]["errno"], libc::ECONNREFUSED, "{r:?}");
     // Nobody else may take the agent's address meanwhile and answer as the metadata server.
-    for (family, addr) in [("4", "127.0.0.1"), ("4", "0.0.0.0"), ("6", "::"), ("6", "::ffff:127.0.0.1")] {
+    for (family, addr) in [
+        ("4", "127.0.0.1"),
+        ("4", "0.0.0.0"),
+        ("6", "::"),
+        ("6", "::ffff:127.0.0.1"),
+    ] {
         let r = env.probe(ALICE, "alice", &["bind", family, addr, "12972"]);
-        assert_eq!(r[0]["errno"], libc::EPERM, "binding {addr}:12972 while the agent is down: {r:?}");
+        assert_eq!(
+            r[0]["errno"],
+            libc::EPERM,
+            "binding {addr}:12972 while the agent is down: {r:?}"
+        );
     }
     let r = env.probe(ALICE, "alice", &["bind", "4", "127.0.0.1", "12973"]);
     assert_eq!(r[0]["ok"], true, "other ports stay free to bind: {r:?}");
