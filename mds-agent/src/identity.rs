@@ -143,7 +143,7 @@ impl Resolver {
     }
 
     /// Everything known about a caller. Never fails: what cannot be found is `None`, and a rule
-    /// keyed on it does not match.
+    /// keyed on it does not match. May block (NSS, a walk of the cgroup hierarchy).
     pub fn resolve(
         &self,
         uid: u32,
@@ -153,31 +153,48 @@ impl Resolver {
         cgroup_id: u64,
         netns_cookie: u64,
     ) -> Identity {
-        let Accounts {
-            user,
-            group,
-            groups,
-            group_names,
-        } = self.accounts(uid, gid);
+        let accounts = self.accounts(uid, gid);
         let cgroup = self.cgroup_path(cgroup_id);
-        let path = cgroup.as_deref().unwrap_or("");
-        Identity {
+        identity(
             uid,
             gid,
             pid,
-            comm: comm_string(comm),
-            user,
-            group,
-            groups,
-            group_names,
+            comm,
             cgroup_id,
-            unit: unit(path).map(str::to_owned),
-            slices: slices(path).map(str::to_owned).collect(),
-            container: container(path).map(str::to_owned),
-            pod: pod(path),
-            cgroup,
             netns_cookie,
+            accounts,
+            cgroup,
+        )
+    }
+
+    /// [`Resolver::resolve`] from the caches alone (one `stat` to check the cgroup's path), or
+    /// `None` when that needs NSS or a walk: cheap enough to call on the accept path.
+    pub fn resolve_cached(
+        &self,
+        uid: u32,
+        gid: u32,
+        pid: u32,
+        comm: &[u8; 16],
+        cgroup_id: u64,
+        netns_cookie: u64,
+    ) -> Option<Identity> {
+        let accounts = lock(&self.accounts)
+            .get(&(uid, gid), Instant::now())?
+            .clone();
+        let cgroup = read(&self.cgroups).get(&cgroup_id).cloned()?;
+        if !self.has_id(&cgroup, cgroup_id) {
+            return None;
         }
+        Some(identity(
+            uid,
+            gid,
+            pid,
+            comm,
+            cgroup_id,
+            netns_cookie,
+            accounts,
+            Some(cgroup),
+        ))
     }
 
     fn accounts(&self, uid: u32, gid: u32) -> Accounts {
@@ -228,6 +245,46 @@ impl Resolver {
     fn has_id(&self, path: &str, id: u64) -> bool {
         let full = self.cgroup_mount.join(path.trim_start_matches('/'));
         std::fs::symlink_metadata(full).is_ok_and(|meta| meta.ino() == id)
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the kernel record's fields, plus what was looked up"
+)]
+fn identity(
+    uid: u32,
+    gid: u32,
+    pid: u32,
+    comm: &[u8; 16],
+    cgroup_id: u64,
+    netns_cookie: u64,
+    accounts: Accounts,
+    cgroup: Option<String>,
+) -> Identity {
+    let Accounts {
+        user,
+        group,
+        groups,
+        group_names,
+    } = accounts;
+    let path = cgroup.as_deref().unwrap_or("");
+    Identity {
+        uid,
+        gid,
+        pid,
+        comm: comm_string(comm),
+        user,
+        group,
+        groups,
+        group_names,
+        cgroup_id,
+        unit: unit(path).map(str::to_owned),
+        slices: slices(path).map(str::to_owned).collect(),
+        container: container(path).map(str::to_owned),
+        pod: pod(path),
+        cgroup,
+        netns_cookie,
     }
 }
 
@@ -877,6 +934,32 @@ mod tests {
                 .get(&worker, Instant::now())
                 .is_some(),
             "remembered as missing"
+        );
+    }
+
+    #[test]
+    fn the_cached_path_answers_only_what_it_can_vouch_for() {
+        let tree = Tree::new();
+        let resolver = tree.resolver();
+        let app = tree.id("/system.slice/app.service");
+        let cached =
+            |r: &Resolver| r.resolve_cached(0, 0, 1, b"curl\0\0\0\0\0\0\0\0\0\0\0\0", app, 7);
+        assert_eq!(
+            cached(&resolver),
+            None,
+            "cold caches need the blocking path"
+        );
+        let full = resolver.resolve(0, 0, 1, b"curl\0\0\0\0\0\0\0\0\0\0\0\0", app, 7);
+        assert_eq!(cached(&resolver), Some(full), "warm caches answer the same");
+        let (old, new) = (
+            tree.0.join("system.slice/app.service"),
+            tree.0.join("system.slice/app2.service"),
+        );
+        std::fs::rename(&old, &new).unwrap_or_else(|e| panic!("{}: {e}", old.display()));
+        assert_eq!(
+            cached(&resolver),
+            None,
+            "a renamed cgroup is not vouched for from the cache"
         );
     }
 }

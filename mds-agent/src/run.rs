@@ -23,7 +23,7 @@ use crate::{
     identity::Resolver,
     mds::Mds,
     policy::Policy,
-    serve::{self, Agent, KernelCallers},
+    serve::{self, Agent},
     upstream::Upstream,
 };
 
@@ -86,10 +86,8 @@ async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> an
     })?);
 
     let agent = Arc::new(Agent {
-        callers: Arc::new(KernelCallers {
-            interceptor: interceptor.clone(),
-            resolver: Arc::new(Resolver::new(mount)),
-        }),
+        interceptor: interceptor.clone(),
+        resolver: Arc::new(Resolver::new(mount)),
         policy: RwLock::new(Arc::new(policy)),
         mds,
     });

@@ -19,32 +19,10 @@ use crate::{
     policy::{Outcome, Policy},
 };
 
-/// Where the caller of an accepted connection comes from: the kernel's records in production.
-pub trait CallerSource: Send + Sync {
-    /// The enriched identity behind a connection from `peer`, or `None` when the kernel recorded
-    /// no caller for it (it did not come through the interceptor).
-    fn identify(&self, peer: SocketAddr) -> Option<Identity>;
-}
-
-/// The kernel records, enriched by the resolver.
-pub struct KernelCallers {
-    pub interceptor: Arc<Interceptor>,
-    pub resolver: Arc<Resolver>,
-}
-
-impl CallerSource for KernelCallers {
-    fn identify(&self, peer: SocketAddr) -> Option<Identity> {
-        let c = self.interceptor.caller(peer)?;
-        Some(
-            self.resolver
-                .resolve(c.uid, c.gid, c.pid, &c.comm, c.cgroup_id, c.netns_cookie),
-        )
-    }
-}
-
 /// Everything a connection needs; shared by all of them.
 pub struct Agent {
-    pub callers: Arc<dyn CallerSource>,
+    pub interceptor: Arc<Interceptor>,
+    pub resolver: Arc<Resolver>,
     pub policy: RwLock<Arc<Policy>>,
     pub mds: Arc<Mds>,
 }
@@ -102,12 +80,7 @@ pub async fn serve(
 
 async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<Agent>) {
     let io = TokioIo::new(stream);
-    let callers = agent.callers.clone();
-    let identity = tokio::task::spawn_blocking(move || callers.identify(peer))
-        .await
-        .ok()
-        .flatten();
-    let Some(identity) = identity else {
+    let Some(identity) = identify(&agent, peer).await else {
         warn!(%peer, "refused a connection with no kernel record: it did not come through the interceptor");
         let refuse = service_fn(|_req: Request<Incoming>| async {
             Ok::<_, std::convert::Infallible>(error_response(
@@ -152,6 +125,26 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
     if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
         debug!(%peer, "connection ended: {e}");
     }
+}
+
+/// The caller behind a connection from `peer`, or `None` when the kernel recorded none (it did
+/// not come through the interceptor). Warm caches answer inline; the rest (NSS, a walk of the
+/// cgroup hierarchy) goes to the blocking pool, whose hand-off would double a warm request's time.
+async fn identify(agent: &Agent, peer: SocketAddr) -> Option<Identity> {
+    let c = agent.interceptor.caller(peer)?;
+    if let Some(identity) =
+        agent
+            .resolver
+            .resolve_cached(c.uid, c.gid, c.pid, &c.comm, c.cgroup_id, c.netns_cookie)
+    {
+        return Some(identity);
+    }
+    let resolver = agent.resolver.clone();
+    tokio::task::spawn_blocking(move || {
+        resolver.resolve(c.uid, c.gid, c.pid, &c.comm, c.cgroup_id, c.netns_cookie)
+    })
+    .await
+    .ok()
 }
 
 fn describe(outcome: &Outcome) -> String {
