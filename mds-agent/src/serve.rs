@@ -19,6 +19,9 @@ use crate::{
     policy::{Outcome, Policy},
 };
 
+/// How long a request's headers may take to arrive, also on an idle kept-alive connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything a connection needs; shared by all of them.
 pub struct Agent {
     pub interceptor: Arc<Interceptor>,
@@ -122,7 +125,13 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
             Ok::<_, std::convert::Infallible>(agent.mds.handle(req, &ctx).await)
         }
     });
-    if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
+    // A client that never finishes its headers must not hold a connection (and its record) forever.
+    let served = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = served {
         debug!(%peer, "connection ended: {e}");
     }
 }

@@ -22,6 +22,8 @@ const BOB: u32 = 1001;
 const CAROL: u32 = 1002;
 const MALLORY: u32 = 1003;
 const EXEMPT: u32 = 1004;
+/// A cgroup whose whole subtree is exempt, like `google-guest-agent.service`.
+const EXEMPT_CGROUP: &str = "guest-agent";
 
 /// A sandbox with the fake metadata server and a running agent; `None` only when the developer
 /// opted out of privileged tests with MDS_SKIP_PRIVILEGED=1.
@@ -29,10 +31,14 @@ fn env(name: &str) -> Option<Env> {
     common::start(name, |sandbox| {
         let x = sandbox.cgroup_rel("bob-x");
         let y = sandbox.cgroup_rel("bob-y");
+        // Exists before the agent starts, as a system service's cgroup would.
+        sandbox.child_cgroup(EXEMPT_CGROUP).expect("exempt cgroup");
+        let exempt_cgroup = sandbox.cgroup_rel(EXEMPT_CGROUP);
         format!(
             r#"
 [exempt]
 uids = [{EXEMPT}]
+cgroups = ["{exempt_cgroup}"]
 
 [[rule]]
 uid = {ALICE}
@@ -328,12 +334,24 @@ fn while_the_agent_is_down_exempt_callers_go_direct_and_others_fail_closed() {
         (200, VM_EMAIL),
         "the exempt uid reaches the real server"
     );
+    // Any uid, in a process below the exempt cgroup.
+    let nested = format!("{EXEMPT_CGROUP}/worker");
+    assert_eq!(
+        env.email(ALICE, &nested),
+        (200, VM_EMAIL.to_owned()),
+        "the exempt cgroup's subtree goes direct"
+    );
     env.harness.stop_agent();
     let (status, body) = env.email(EXEMPT, "exempt");
     assert_eq!(
         (status, body.as_str()),
         (200, VM_EMAIL),
         "…even with the agent stopped"
+    );
+    assert_eq!(
+        env.email(ALICE, &nested),
+        (200, VM_EMAIL.to_owned()),
+        "…and so does the exempt subtree"
     );
     let r = env.probe(ALICE, "alice", &["connect", "4", "169.254.169.254", "80"]);
     assert_eq!(

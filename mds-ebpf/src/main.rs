@@ -144,7 +144,9 @@ pub fn bind4(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    if port_of(sa.user_port) != cfg.agent_port || (sa.user_ip4 != cfg.agent_addr && sa.user_ip4 != 0) {
+    if port_of(sa.user_port) != cfg.agent_port
+        || (sa.user_ip4 != cfg.agent_addr && sa.user_ip4 != 0)
+    {
         return ALLOW;
     }
     agent_only(&ctx, cfg, sa)
