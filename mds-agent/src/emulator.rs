@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 
 use crate::{
@@ -131,20 +130,7 @@ impl Emulator {
                     url: path_and_query.to_owned(),
                     cause: e.to_string(),
                 })?;
-        let (parts, body) = self.answer(&Method::GET, &uri).await.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| UpstreamError::Body {
-                path: path_and_query.to_owned(),
-                cause: e.to_string(),
-            })?
-            .to_bytes();
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        UpstreamResponse::collect(self.answer(&Method::GET, &uri).await, path_and_query).await
     }
 
     async fn answer(&self, method: &Method, uri: &Uri) -> Response<Body> {
@@ -249,6 +235,7 @@ fn to_json(node: &Node, parents: &[String]) -> Value {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use http_body_util::BodyExt;
 
     use super::*;
 

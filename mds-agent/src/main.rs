@@ -1,4 +1,4 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -15,39 +15,27 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the kernel programs, attach them and serve the metadata API.
-    Run {
-        #[arg(
-            long,
-            short,
-            env = "MDS_AGENT_CONFIG",
-            default_value = "/etc/mds-agent/config.toml"
-        )]
-        config: PathBuf,
-    },
+    Run(ConfigArg),
     /// Validate a configuration and print the rules as understood.
-    Check {
-        #[arg(
-            long,
-            short,
-            env = "MDS_AGENT_CONFIG",
-            default_value = "/etc/mds-agent/config.toml"
-        )]
-        config: PathBuf,
-    },
+    Check(ConfigArg),
     /// Remove the pinned kernel links, ending interception (the agent must be stopped first).
-    Detach {
-        #[arg(
-            long,
-            short,
-            env = "MDS_AGENT_CONFIG",
-            default_value = "/etc/mds-agent/config.toml"
-        )]
-        config: PathBuf,
-    },
+    Detach(ConfigArg),
     /// Run the agent with its built-in emulator in a sandbox of its own (network namespace and
     /// cgroups), show two users in two cgroups getting different identities, and keep serving
     /// until Ctrl-C.
     Demo,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file (TOML).
+    #[arg(
+        long,
+        short,
+        env = "MDS_AGENT_CONFIG",
+        default_value = "/etc/mds-agent/config.toml"
+    )]
+    config: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -59,9 +47,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => mds_agent::run::run(&config),
-        Command::Check { config } => check(&config),
-        Command::Detach { config } => detach(&config),
+        Command::Run(ConfigArg { config }) => mds_agent::run::run(&config),
+        Command::Check(ConfigArg { config }) => check(&config),
+        Command::Detach(ConfigArg { config }) => detach(&config),
         Command::Demo => mds_agent::demo::run(),
     };
     match result {
@@ -76,8 +64,10 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let config = mds_agent::config::Config::load(path)?;
     let policy = mds_agent::policy::Policy::new(&config.rules)?;
-    println!("{}: ok", path.display());
-    print!("{policy}");
+    // A closed pipe (`check | head`) is an error to report, not a panic.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}: ok", path.display())?;
+    write!(out, "{policy}")?;
     Ok(())
 }
 

@@ -481,20 +481,7 @@ impl Mds {
                 })?;
         req.headers_mut()
             .insert("metadata-flavor", HeaderValue::from_static("Google"));
-        let (parts, body) = self.upstream.forward(req).await?.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| UpstreamError::Body {
-                path: path_and_query.clone(),
-                cause: e.to_string(),
-            })?
-            .to_bytes();
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        UpstreamResponse::collect(self.upstream.forward(req).await?, &path_and_query).await
     }
 }
 

@@ -92,6 +92,29 @@ pub struct UpstreamResponse {
     pub body: Bytes,
 }
 
+impl UpstreamResponse {
+    /// Reads `response` whole; `path` names it in errors.
+    pub async fn collect(
+        response: Response<Body>,
+        path: &str,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Body {
+                path: path.to_owned(),
+                cause: causes(&*e),
+            })?
+            .to_bytes();
+        Ok(UpstreamResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
 /// The metadata server behind the agent.
 #[expect(
     clippy::large_enum_variant,
@@ -213,20 +236,8 @@ impl RealUpstream {
                     url: format!("{}{path_and_query}", self.base),
                     cause: causes(&e),
                 })?;
-            let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::Body {
-                    path: path_and_query.to_owned(),
-                    cause: causes(&e),
-                })?
-                .to_bytes();
-            Ok(UpstreamResponse {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+            let response = response.map(|body| body.map_err(crate::mds::BoxError::from).boxed());
+            UpstreamResponse::collect(response, path_and_query).await
         };
         tokio::time::timeout(GET_TIMEOUT, exchange)
             .await

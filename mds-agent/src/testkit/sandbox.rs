@@ -183,11 +183,7 @@ static CLEANUP: Once = Once::new();
 
 /// The mount point of the cgroup2 file system, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> io::Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    let found = mounts(&mountinfo)
-        .find(|(_, fstype)| *fstype == "cgroup2")
-        .map(|(point, _)| point);
-    found.ok_or_else(|| {
+    crate::bpf::cgroup2_mount().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "no cgroup2 mount in /proc/self/mountinfo",
