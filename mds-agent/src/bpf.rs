@@ -8,7 +8,7 @@ use std::{
     collections::HashSet,
     fs::File,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -24,8 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mds_ebpf_common::{
-    Caller, ClientKey, Config as KernelConfig, FLAG_ENABLED, MAP_CALLERS, MAP_CONFIG,
-    MAP_EXEMPT_CGROUPS, MAP_EXEMPT_UIDS, MAP_OPEN_PORTS, MAP_PENDING,
+    Caller, ClientKey, Config as KernelConfig, FLAG_ENABLED, FLAG_INTERCEPT6, MAP_CALLERS,
+    MAP_CONFIG, MAP_EXEMPT_CGROUPS, MAP_EXEMPT_UIDS, MAP_OPEN_PORTS, MAP_PENDING,
 };
 use tracing::{debug, info, warn};
 
@@ -122,6 +122,8 @@ pub enum BpfError {
 pub struct InterceptSettings<'a> {
     pub cgroup: &'a Path,
     pub intercept: SocketAddrV4,
+    /// The metadata server's IPv6 address, intercepted on `intercept`'s port.
+    pub intercept6: Option<Ipv6Addr>,
     pub listen: SocketAddrV4,
     /// Network-namespace cookie of the agent's listening socket; see [`netns_cookie`].
     pub agent_netns: u64,
@@ -179,9 +181,13 @@ impl Interceptor {
             intercept_port: settings.intercept.port(),
             agent_port: settings.listen.port(),
             upstream_mark: settings.upstream_mark,
-            flags: FLAG_ENABLED,
+            flags: FLAG_ENABLED | settings.intercept6.map_or(0, |_| FLAG_INTERCEPT6),
             _pad: 0,
             agent_netns: settings.agent_netns,
+            intercept_addr6: settings.intercept6.map_or([0; 4], |a| {
+                let o = a.octets();
+                [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+            }),
         };
         let mut config: Array<_, KernelConfig> = map(&mut ebpf, MAP_CONFIG)?;
         config

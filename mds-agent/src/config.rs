@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use http::Uri;
@@ -70,6 +70,10 @@ pub struct Config {
     /// `169.254.169.254:80`.
     #[serde(deserialize_with = "fixed_address")]
     pub intercept: SocketAddrV4,
+    /// The metadata server's IPv6 address, intercepted on the same port (GCE serves IPv6-only
+    /// VMs there, and anyone may dial it directly). Default `fd20:ce::254`; `""` turns it off.
+    #[serde(deserialize_with = "optional_ipv6")]
+    pub intercept6: Option<Ipv6Addr>,
     /// cgroup v2 directory the kernel programs attach to. Default `None`: the root of the
     /// cgroup2 mount, found in /proc/self/mountinfo.
     #[serde(deserialize_with = "absolute_path_option")]
@@ -111,6 +115,7 @@ impl Default for Config {
         Config {
             listen: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 12972),
             intercept: SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80),
+            intercept6: Some(Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)),
             cgroup: None,
             upstream: UpstreamKind::Url(Uri::from_static("http://169.254.169.254")),
             open_ports: vec![53],
@@ -458,6 +463,18 @@ fn absolute_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, 
             path.display()
         )))
     }
+}
+
+fn optional_ipv6<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Ipv6Addr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        D::Error::custom(format!(
+            "{text:?} is not an IPv6 address; write intercept6 = \"fd20:ce::254\", or \"\" to intercept IPv4 only"
+        ))
+    })
 }
 
 fn absolute_path_option<'de, D: Deserializer<'de>>(
@@ -857,6 +874,24 @@ action = "passthrough"
             &[":1:13: ", "with a port"],
         );
         assert_contains(&error("listen = \"[::1]:12972\""), &["IPv4 address"]);
+    }
+
+    #[test]
+    fn the_ipv6_metadata_address_is_intercepted_unless_turned_off() {
+        assert_eq!(
+            parse("").intercept6,
+            Some("fd20:ce::254".parse().expect("address"))
+        );
+        assert_eq!(parse("intercept6 = \"\"").intercept6, None);
+        assert_eq!(
+            parse("intercept6 = \"fd00::1\"").intercept6,
+            Some("fd00::1".parse().expect("address"))
+        );
+        let message = error("intercept6 = \"169.254.169.254\"");
+        assert!(
+            message.contains("is not an IPv6 address") && message.contains(":1:"),
+            "{message}"
+        );
     }
 
     #[test]

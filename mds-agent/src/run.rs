@@ -75,6 +75,7 @@ async fn serve_forever(config_path: &Path, config: Config, policy: Policy) -> an
     let interceptor = Arc::new(Interceptor::start(&InterceptSettings {
         cgroup: &cgroup,
         intercept: config.intercept,
+        intercept6: config.intercept6,
         listen: config.listen,
         agent_netns,
         upstream_mark: config.upstream_mark,

@@ -146,6 +146,40 @@ fn every_way_into_the_metadata_address_is_covered() {
         "AF_INET6 to ::ffff:169.254.169.254 is intercepted"
     );
 
+    // The IPv6 metadata address, dialled directly.
+    let out = env
+        .harness
+        .command("ip", mds_agent::testkit::sandbox::RunAs::root("setup"))
+        .args([
+            "-6",
+            "addr",
+            "add",
+            "fd20:ce::254/128",
+            "dev",
+            "lo",
+            "nodad",
+        ])
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = env.probe(ALICE, "alice", &["email6", "fd20:ce::254"]);
+    assert_eq!(r[0]["body"], ALICE_SA, "fd20:ce::254 is intercepted: {r:?}");
+    assert_eq!(
+        r[0]["peer"],
+        serde_json::json!(["fd20:ce::254", 80]),
+        "getpeername reports it: {r:?}"
+    );
+    let r = env.probe(ALICE, "alice", &["connect", "6", "fd20:ce::254", "8080"]);
+    assert_eq!(
+        r[0]["errno"],
+        libc::EPERM,
+        "its other ports are refused: {r:?}"
+    );
+
     let r = env.probe(ALICE, "alice", &["fastopen"]);
     assert_eq!(r[0]["ok"], true, "{r:?}");
     assert_eq!(

@@ -23,6 +23,8 @@ pub const MAX_CGROUP_DEPTH: i32 = 32;
 
 /// [`Config::flags`]: interception is active (otherwise every program passes everything).
 pub const FLAG_ENABLED: u32 = 1;
+/// [`Config::flags`]: [`Config::intercept_addr6`] is intercepted too.
+pub const FLAG_INTERCEPT6: u32 = 2;
 
 /// What the agent tells the kernel programs at load time.
 #[repr(C)]
@@ -45,6 +47,8 @@ pub struct Config {
     /// Network-namespace cookie of the agent's listening socket: records are only written for
     /// connections in this namespace, where the agent can receive them.
     pub agent_netns: u64,
+    /// The metadata server's IPv6 address, as the four network-order words of `user_ip6`.
+    pub intercept_addr6: [u32; 4],
 }
 
 /// Who connected, as the kernel saw it at `connect()`.

@@ -1,6 +1,7 @@
 //! mds-agent's kernel programs.
 //!
-//! - `cgroup/connect4`, `cgroup/connect6`: a TCP connect to the metadata address and port is
+//! - `cgroup/connect4`, `cgroup/connect6`: a TCP connect to the metadata address and port (also
+//!   its IPv6 address, when configured) is
 //!   rewritten to the agent, and the caller (uid, gid, pid, comm, cgroup, netns) is recorded by
 //!   socket cookie in `PENDING`. Other ports of the metadata address are refused with `EPERM`
 //!   unless listed in `OPEN_PORTS`. IPv4-mapped IPv6 is handled like IPv4.
@@ -33,7 +34,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::debug;
-use mds_ebpf_common::{Caller, ClientKey, Config, FLAG_ENABLED, MAX_CGROUP_DEPTH};
+use mds_ebpf_common::{Caller, ClientKey, Config, FLAG_ENABLED, FLAG_INTERCEPT6, MAX_CGROUP_DEPTH};
 
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -88,7 +89,13 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip6 = sa.user_ip6;
-    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED || ip6[3] != cfg.intercept_addr {
+    let mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED && ip6[3] == cfg.intercept_addr;
+    let native = cfg.flags & FLAG_INTERCEPT6 != 0
+        && ip6[0] == cfg.intercept_addr6[0]
+        && ip6[1] == cfg.intercept_addr6[1]
+        && ip6[2] == cfg.intercept_addr6[2]
+        && ip6[3] == cfg.intercept_addr6[3];
+    if !mapped && !native {
         return ALLOW;
     }
     let mut orig = [0u8; 16];
@@ -97,7 +104,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     orig[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
     orig[12..].copy_from_slice(&ip6[3].to_ne_bytes());
     match decide(&ctx, cfg, sa, port_of(sa.user_port), orig, AF_INET6) {
+        // The agent listens on IPv4: an IPv6 socket reaches it at its v4-mapped address.
         Verdict::Rewrite => {
+            sa.user_ip6[0] = 0;
+            sa.user_ip6[1] = 0;
+            sa.user_ip6[2] = V4_MAPPED;
             sa.user_ip6[3] = cfg.agent_addr;
             sa.user_port = u32::from(cfg.agent_port.to_be());
             ALLOW
@@ -125,14 +136,43 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip6 = sa.user_ip6;
-    if ip6[0] == 0
-        && ip6[1] == 0
-        && ip6[2] == V4_MAPPED
-        && ip6[3] == cfg.agent_addr
-        && port_of(sa.user_port) == cfg.agent_port
+    if ip6[0] != 0
+        || ip6[1] != 0
+        || ip6[2] != V4_MAPPED
+        || ip6[3] != cfg.agent_addr
+        || port_of(sa.user_port) != cfg.agent_port
     {
-        sa.user_ip6[3] = cfg.intercept_addr;
-        sa.user_port = u32::from(cfg.intercept_port.to_be());
+        return ALLOW;
+    }
+    // An IPv6 socket may have dialled either metadata address: its record says which.
+    // SAFETY: `sk` is always a valid full socket in cgroup sock_addr programs.
+    let (src_ip4, src_port) = unsafe {
+        (
+            (*sa.__bindgen_anon_1.sk).src_ip4,
+            (*sa.__bindgen_anon_1.sk).src_port,
+        )
+    };
+    let key = ClientKey {
+        // SAFETY: helper that takes the program's own context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr: src_ip4,
+        port: src_port as u16,
+        _pad: 0,
+    };
+    // SAFETY: the record is copied field by field while the entry is looked up.
+    match unsafe { CALLERS.get(&key) } {
+        Some(caller) => {
+            let o = caller.orig_addr;
+            sa.user_ip6[0] = u32::from_ne_bytes([o[0], o[1], o[2], o[3]]);
+            sa.user_ip6[1] = u32::from_ne_bytes([o[4], o[5], o[6], o[7]]);
+            sa.user_ip6[2] = u32::from_ne_bytes([o[8], o[9], o[10], o[11]]);
+            sa.user_ip6[3] = u32::from_ne_bytes([o[12], o[13], o[14], o[15]]);
+            sa.user_port = u32::from(caller.orig_port.to_be());
+        }
+        None => {
+            sa.user_ip6[3] = cfg.intercept_addr;
+            sa.user_port = u32::from(cfg.intercept_port.to_be());
+        }
     }
     ALLOW
 }

@@ -74,6 +74,14 @@ def mode_v6mapped():
     result(status=status, body=body)
 
 
+def mode_email6(addr):
+    s = connect(socket.AF_INET6, addr, 80)
+    peer = s.getpeername()
+    status, body = request(s, host=f"[{addr}]")
+    s.close()
+    result(status=status, body=body, peer=[peer[0], peer[1]])
+
+
 def mode_getpeername(family):
     if family == "6":
         s = connect(socket.AF_INET6, "::ffff:" + MDS, 80)
@@ -255,6 +263,7 @@ if __name__ == "__main__":
         "email": mode_email,
         "connect": mode_connect,
         "v6mapped": mode_v6mapped,
+        "email6": mode_email6,
         "getpeername": mode_getpeername,
         "fastopen": mode_fastopen,
         "direct": mode_direct,
