@@ -16,7 +16,7 @@ use crate::{
     bpf::Interceptor,
     identity::{Identity, Resolver},
     mds::{error_response, CallContext, Mds},
-    policy::{Outcome, Policy},
+    policy::{Policy, Rule},
 };
 
 /// How long a request's headers may take to arrive, also on an idle kept-alive connection.
@@ -99,23 +99,26 @@ async fn connection(stream: tokio::net::TcpStream, peer: SocketAddr, agent: Arc<
         return;
     };
     let identity = Arc::new(identity);
-    let last_outcome = Arc::new(std::sync::Mutex::new(None::<String>));
+    // The rule last logged for this connection: a decision is logged when it first differs, by
+    // rule identity (a reload makes new rules), without formatting anything per request.
+    let last_rule = Arc::new(std::sync::Mutex::new(None::<Option<Arc<Rule>>>));
     let service = service_fn(move |req: Request<Incoming>| {
         let agent = agent.clone();
         let identity = identity.clone();
-        let last_outcome = last_outcome.clone();
+        let last_rule = last_rule.clone();
         async move {
             let decision = agent.policy().decide(&identity);
-            let outcome = describe(&decision.outcome);
-            if let Ok(mut last) = last_outcome.lock() {
-                if last.as_deref() != Some(outcome.as_str()) {
+            if let Ok(mut last) = last_rule.lock() {
+                if !last
+                    .as_ref()
+                    .is_some_and(|prev| same_rule(prev, &decision.rule))
+                {
                     let rule = decision
                         .rule
                         .as_ref()
-                        .map(|r| r.label())
-                        .unwrap_or_else(|| "no rule".into());
-                    info!(caller = %identity, %rule, decision = %outcome, "decision");
-                    *last = Some(outcome);
+                        .map_or_else(|| "no rule".into(), |r| r.label());
+                    info!(caller = %identity, %rule, decision = %decision.outcome, "decision");
+                    *last = Some(decision.rule.clone());
                 }
             }
             let ctx = CallContext {
@@ -156,10 +159,10 @@ async fn identify(agent: &Agent, peer: SocketAddr) -> Option<Identity> {
     .ok()
 }
 
-fn describe(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::ServiceAccount(grant) => format!("service account {}", grant.email),
-        Outcome::Passthrough => "passthrough".into(),
-        Outcome::Deny => "deny".into(),
+fn same_rule(a: &Option<Arc<Rule>>, b: &Option<Arc<Rule>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }

@@ -610,20 +610,7 @@ service_account = "{BOB_SA}"
 
 #[test]
 fn the_contract_headers_hold_for_mapped_passthrough_and_denied_callers() {
-    let Some(env) = common::start("c-headers", |_| {
-        format!(
-            r#"
-[[rule]]
-user = "alice"
-service_account = "{ALICE_SA}"
-
-[[rule]]
-name = "carol gets the VM"
-user = "carol"
-action = "passthrough"
-"#
-        )
-    }) else {
+    let Some(env) = common::start("c-headers", alice_mapped_carol_passthrough) else {
         return;
     };
     let no_headers = || json!({});
@@ -885,20 +872,7 @@ service_account = "{BOB_SA}"
 
 #[test]
 fn a_held_wait_for_change_returns_the_new_value_and_guest_attribute_puts_pass() {
-    let Some(env) = common::start("c-longpoll", |_| {
-        format!(
-            r#"
-[[rule]]
-user = "alice"
-service_account = "{ALICE_SA}"
-
-[[rule]]
-name = "carol gets the VM"
-user = "carol"
-action = "passthrough"
-"#
-        )
-    }) else {
+    let Some(env) = common::start("c-longpoll", alice_mapped_carol_passthrough) else {
         return;
     };
     env.upstream
@@ -1119,6 +1093,21 @@ service_account = "{ALICE_SA}"
 }
 
 // --- 9. IAM down ------------------------------------------------------------------------------
+
+fn alice_mapped_carol_passthrough(_: &mds_agent::testkit::sandbox::Sandbox) -> String {
+    format!(
+        r#"
+[[rule]]
+user = "alice"
+service_account = "{ALICE_SA}"
+
+[[rule]]
+name = "carol gets the VM"
+user = "carol"
+action = "passthrough"
+"#
+    )
+}
 
 fn three_accounts(_: &mds_agent::testkit::sandbox::Sandbox) -> String {
     format!(
